@@ -121,7 +121,7 @@ def test_accuracy_on_the_full_test_set_is_above_80_percent(trained, test_set):
     model, metadata = trained
     images, labels = test_set
     assert len(labels) == 10_000
-    _, accuracy, _ = train.evaluate(model, images, labels)
+    accuracy = train.evaluate(model, images, labels).accuracy
     assert accuracy > 80
     # The sidecar's figure must be the one this model really reaches.
     assert accuracy == pytest.approx(metadata["test_accuracy"], abs=0.011)
@@ -142,6 +142,75 @@ def test_sidecar_sits_beside_the_checkpoint_and_holds_the_run_metrics(checkpoint
     assert sidecar["checkpoint"] == checkpoint_path.name
     assert sidecar["test_accuracy"] == metadata["test_accuracy"]
     assert 0 < sidecar["train_accuracy"] <= 100 and sidecar["train_seconds"] > 0
+
+
+def test_sidecar_records_per_class_figures_environment_and_provenance(checkpoint_path, trained):
+    model, _ = trained
+    sidecar = train.read_sidecar(checkpoint_path)
+
+    matrix = sidecar["confusion_matrix"]
+    assert len(matrix) == 10 and all(len(row) == 10 for row in matrix)
+    assert sum(map(sum, matrix)) == 10_000
+    correct = sum(matrix[digit][digit] for digit in range(10))
+    assert correct / 100 == pytest.approx(sidecar["test_accuracy"])
+    assert sidecar["per_class_accuracy"] == train.per_class_accuracy(matrix)
+    assert sidecar["test_loss"] > 0
+    assert sidecar["images_per_second"] == pytest.approx(
+        sidecar["epochs"] * 60_000 / sidecar["train_seconds"], rel=0.01)
+    assert sidecar["device"] and sidecar["threads"] >= 1
+    assert set(sidecar["versions"]) == {"python", "torch", "torchvision"}
+    assert sidecar["versions"]["torch"] == torch.__version__
+    assert sidecar["data_sha256"] == train.MNIST_FILES
+    git = sidecar["git"]
+    assert git is None or (len(git["commit"]) == 40 and isinstance(git["dirty"], bool))
+
+
+def test_mistakes_are_the_models_most_confident_errors(checkpoint_path, trained, test_set):
+    model, _ = trained
+    images, labels = test_set
+    evaluation = train.evaluate(model, images, labels)
+    shown = train.read_sidecar(checkpoint_path)["mistakes"]
+
+    wrong = (evaluation.predictions != labels).nonzero().flatten()
+    assert len(shown) == min(len(wrong), train.MISTAKES_SHOWN)
+    for mistake in shown:
+        index = mistake["index"]
+        assert mistake["label"] == labels[index] != mistake["predicted"]
+        assert mistake["predicted"] == evaluation.predictions[index]
+        assert mistake["confidence"] == pytest.approx(evaluation.confidences[index].item(),
+                                                      abs=1e-3)
+    confidences = [mistake["confidence"] for mistake in shown]
+    assert confidences == sorted(confidences, reverse=True)
+    not_shown = set(wrong.tolist()) - {mistake["index"] for mistake in shown}
+    assert all(evaluation.confidences[i] <= confidences[-1] + 1e-3 for i in not_shown)
+
+
+def test_picture_of_mistakes_shows_the_sidecars_mistakes(checkpoint_path, test_set):
+    from PIL import Image
+
+    images, _ = test_set
+    sidecar = train.read_sidecar(checkpoint_path)
+    path = train.mistakes_picture_path(checkpoint_path)
+    assert sidecar["mistakes_image"] == path.name
+    picture = Image.open(path)
+    assert picture.format == "PNG"
+
+    mistakes = sidecar["mistakes"]
+    rows = -(-len(mistakes) // 8)
+    assert picture.size == (8 * 84, rows * (84 + 16))
+    # Each cell holds the image the sidecar names, scaled up three times.
+    for number, mistake in enumerate(mistakes):
+        left, top = (number % 8) * 84, (number // 8) * 100
+        cell = picture.crop((left, top, left + 84, top + 84)).tobytes()
+        expected = images[mistake["index"], 0].repeat_interleave(3, 0).repeat_interleave(3, 1)
+        assert cell == expected.numpy().tobytes(), number
+    # Captions included, the file is exactly the drawing of the sidecar's list ...
+    assert picture.tobytes() == train.draw_mistakes(images, mistakes).tobytes()
+    # ... and a caption changes with the labels it names.
+    relabelled = [dict(mistakes[0], predicted=(mistakes[0]["predicted"] + 1) % 10)]
+    caption_box = (0, 84, 84, 100)
+    assert (train.draw_mistakes(images, relabelled).crop(caption_box).tobytes()
+            != picture.crop(caption_box).tobytes())
 
 
 def test_checkpoint_name_carries_a_time_stamp(checkpoint_path):
@@ -196,8 +265,8 @@ def test_training_learns_the_images_it_sees(small_training_set):
     images, labels = small_training_set
     model, _, _ = train.train_model(train.parse_args(["--batch-size", "32"]), images, labels,
                                     progress=False)
-    loss, accuracy, _ = train.evaluate(model, images, labels)
-    assert accuracy > 50 and loss < 2.0
+    evaluation = train.evaluate(model, images, labels)
+    assert evaluation.accuracy > 50 and evaluation.loss < 2.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -522,3 +591,56 @@ def test_model_path_naming_a_missing_file_fails_the_session(tmp_path):
     assert result.returncode != 0
     assert str(missing) in result.stdout
     assert "skipped" not in result.stdout.splitlines()[-1]
+
+
+# ---------------------------------------------------------------------------------------------
+# The CI job summary
+
+
+def load_job_summary():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("job_summary", ROOT / "report" / "job_summary.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+TESTDATA = ROOT / "report" / "testdata"
+
+
+@pytest.mark.parametrize("previous, expected", [
+    (None, "summary_first_run.md"),
+    ("earlier_run.json", "summary_with_previous.md"),
+])
+def test_job_summary_of_real_sidecars_is_as_expected(previous, expected):
+    job_summary = load_job_summary()
+    run = job_summary.load_sidecar(TESTDATA / "later_run.json")
+    earlier = job_summary.load_sidecar(TESTDATA / previous) if previous else None
+    markdown = job_summary.render(run, earlier, artifact="mnist-model")
+
+    assert markdown == (TESTDATA / expected).read_text()
+    assert f"{run['test_accuracy']:.2f}%" in markdown.splitlines()[0]
+    if earlier:
+        change = run["test_accuracy"] - earlier["test_accuracy"]
+        assert f"{change:+.2f} points" in markdown
+        assert "No earlier run" not in markdown
+    assert "`mnist-model`" in markdown
+
+
+def test_job_summary_goes_on_without_the_earlier_run(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "report" / "job_summary.py"),
+                             str(TESTDATA / "later_run.json"), "--previous",
+                             str(tmp_path / "expired.json")],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0
+    assert "No earlier run to compare with." in result.stdout
+    assert "expired.json" in result.stderr
+
+
+def test_most_frequent_confusions_are_off_diagonal_and_ordered():
+    job_summary = load_job_summary()
+    matrix = [[0] * 10 for _ in range(10)]
+    matrix[3][3] = 900
+    matrix[4][9], matrix[7][2], matrix[2][7] = 12, 5, 12
+    assert job_summary.most_frequent_confusions(matrix) == [(12, 2, 7), (12, 4, 9), (5, 7, 2)]
