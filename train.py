@@ -267,23 +267,6 @@ def autocast_dtype(precision, device):
     return None
 
 
-def keep_freed_memory():
-    """Ask glibc to keep freed memory instead of handing it back to the OS after every step.
-
-    Each step frees and reallocates activations of a few megabytes; returned to the OS, they
-    come back as fresh pages that fault on first touch, about 900,000 faults an epoch.
-    """
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc
-        return
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    libc.mallopt(m_mmap_threshold, 32 * 2**20)
-    libc.mallopt(m_trim_threshold, 256 * 2**20)
-
-
 def orthogonalize(matrix, iterations=5):
     """The nearest semi-orthogonal matrix to `matrix`, approximately: U V^T of its SVD.
 
@@ -329,6 +312,24 @@ class Muon(torch.optim.Optimizer):
                 # Tall matrices get a larger step, so that each row moves about as much.
                 scale = max(1.0, update.size(0) / update.size(1)) ** 0.5
                 weight.add_(orthogonalize(update).view_as(weight), alpha=-group["lr"] * scale)
+
+
+def keep_freed_memory():
+    """Let glibc keep the memory of freed activations for the next step.
+
+    By default glibc hands large freed blocks back to the OS, and each step then page-faults on
+    fresh memory: measured 350,000 faults and 2.3 s for the epoch, against 5,000 and 1.7 s with
+    these thresholds, at the same peak memory. Nothing changes outside glibc (Linux).
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # another C library
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3  # mallopt parameter numbers in malloc.h
+    libc.mallopt(m_mmap_threshold, 16 * 2**20)
+    libc.mallopt(m_trim_threshold, 64 * 2**20)
 
 
 def build_optimizers(model, lr, total_steps):
@@ -702,6 +703,7 @@ def train_model(args, images, labels, progress=True):
     Returns the model, the running accuracy (%) of the last epoch and the seconds spent in the
     training loop alone.
     """
+    keep_freed_memory()
     torch.manual_seed(args.seed)
     model = SimpleCNN().to(images.device, memory_format=torch.channels_last)
     steps_per_epoch = math.ceil(len(labels) / args.batch_size)
