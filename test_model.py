@@ -252,6 +252,14 @@ def test_help_lists_every_flag_with_its_default():
     assert f"(default: {train.DEFAULTS['batch_size']})" in result.stdout
 
 
+def test_an_unavailable_device_is_refused_at_parse_time(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as raised:
+        train.parse_args(["--device", "cuda:1"])
+    assert raised.value.code == 2
+    assert "CUDA is not available" in capsys.readouterr().err
+
+
 def test_auto_device_falls_back_to_the_cpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)

