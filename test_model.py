@@ -441,13 +441,22 @@ class RunsCodeWhenUnpickled:
         return Path.touch, (self.marker,)
 
 
-@pytest.mark.parametrize("damage", ["truncated", "random bytes", "empty"])
+@pytest.mark.parametrize("damage", ["truncated", "empty", "flipped bytes"]
+                         + [f"random bytes {seed}" for seed in range(20)])
 def test_a_damaged_checkpoint_gives_an_error_naming_the_file(saved_checkpoint, tmp_path, damage):
+    import random
+
     path = tmp_path / "damaged.pth"
     content = saved_checkpoint.read_bytes()
-    path.write_bytes({"truncated": content[: len(content) // 2],
-                      "random bytes": os.urandom(len(content)),
-                      "empty": b""}[damage])
+    if damage == "truncated":
+        content = content[: len(content) // 2]
+    elif damage == "empty":
+        content = b""
+    elif damage == "flipped bytes":
+        content = bytes(byte ^ 0xFF if 100 <= i < 400 else byte for i, byte in enumerate(content))
+    else:  # random bytes: each seed takes the unpickler down another path
+        content = random.Random(int(damage.split()[-1])).randbytes(len(content))
+    path.write_bytes(content)
     with pytest.raises(train.CheckpointError) as raised:
         train.load_checkpoint(path)
     assert str(path) in str(raised.value)
@@ -473,6 +482,7 @@ def test_a_checkpoint_of_another_architecture_lists_what_differs(tmp_path):
     state_dict["fc1.weight"] = torch.zeros(32, 288)
     del state_dict["fc2.bias"]
     state_dict["fc3.weight"] = torch.zeros(10, 10)
+    state_dict["conv1.bias"] = [0.0] * 4
     path = tmp_path / "other.pth"
     torch.save({"state_dict": state_dict, "metadata": {}}, path)
 
@@ -482,6 +492,7 @@ def test_a_checkpoint_of_another_architecture_lists_what_differs(tmp_path):
     assert "missing: fc2.bias" in message
     assert "unexpected: fc3.weight" in message
     assert "shape of fc1.weight: (32, 288) in the file, (20, 288) in SimpleCNN" in message
+    assert "not a tensor: conv1.bias" in message
 
 
 def test_two_runs_saving_in_the_same_second_keep_both_artifacts(trained, tmp_path):

@@ -627,9 +627,9 @@ def load_checkpoint(path, device="cpu"):
         reason = (f"it asks for {wanted.group(1)}, which is neither a tensor nor plain data"
                   if wanted else "it is not a PyTorch checkpoint")
         raise CheckpointError(f"{path} was refused, nothing in it was run: {reason}") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as error:
+    except Exception as error:  # a damaged file can fail anywhere inside the unpickler
         raise CheckpointError(f"{path} is not a readable checkpoint, it may be truncated "
-                              f"or corrupt ({describe(error)})") from None
+                              f"or corrupt ({type(error).__name__}: {describe(error)})") from None
 
     if not (isinstance(payload, dict) and isinstance(payload.get("state_dict"), dict)):
         raise CheckpointError(f"{path} holds no 'state_dict': it was not saved by train.py")
@@ -646,8 +646,10 @@ def state_dict_differences(expected, found):
     differences = [f"missing: {name}" for name in expected if name not in found]
     differences += [f"unexpected: {name}" for name in found if name not in expected]
     for name, tensor in expected.items():
-        other = found.get(name)
-        if isinstance(other, torch.Tensor) and other.shape != tensor.shape:
+        other = found.get(name, tensor)
+        if not isinstance(other, torch.Tensor):
+            differences.append(f"not a tensor: {name}")
+        elif other.shape != tensor.shape:
             differences.append(f"shape of {name}: {tuple(other.shape)} in the file, "
                                f"{tuple(tensor.shape)} in SimpleCNN")
     return differences

@@ -90,8 +90,8 @@ def render(run, previous=None, artifact=None):
     if "confusion_matrix" in run:
         lines += ["### Most frequent confusions", ""]
         with_previous = previous is not None and "confusion_matrix" in previous
-        lines += ["| true | predicted as | this run |" + (" previous run |" if with_previous else ""),
-                  "|---:|---:|---:|" + ("---:|" if with_previous else "")]
+        header = "| true | predicted as | this run |" + (" previous run |" if with_previous else "")
+        lines += [header, "|---:|---:|---:|" + ("---:|" if with_previous else "")]
         for count, true, predicted in most_frequent_confusions(run["confusion_matrix"]):
             row = f"| {true} | {predicted} | {count} |"
             if with_previous:
