@@ -1,6 +1,6 @@
 """Side-by-side benchmark: this project's `python train.py` against the usual DataLoader recipe.
 
-    python bench/benchmark.py               # seeds 0-4 for each recipe, about 3 minutes on 2 cores
+    python bench/benchmark.py               # seeds 0-4 for each recipe, about 4 minutes on 2 cores
     python bench/benchmark.py --seeds 0 1   # fewer repeats
 
 The usual recipe is what most MNIST repositories do: a DataLoader over torchvision's MNIST with
