@@ -215,8 +215,10 @@ def fetch_mnist(data_dir, files=MNIST_FILES):
 
 
 def describe(error):
-    """The last line of an exception's message (torchvision's says what failed there), or its
-    type when the message is empty."""
+    """The last line of an exception's message, or its type when the message is empty.
+
+    The last line, because torchvision's download errors name what failed there.
+    """
     text = str(error).strip().splitlines()
     return text[-1].strip() if text else type(error).__name__
 
